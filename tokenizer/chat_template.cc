@@ -1447,28 +1447,35 @@ class Parser {
     return e;
   }
 
-  absl::StatusOr<ExprPtr> ParseOr() {
-    DSERVE_ASSIGN_OR_RETURN(ExprPtr left, ParseAnd());
-    while (Is(Tok::kOr)) {
-      const uint32_t pos = Pos();
-      ++cur_;
-      DSERVE_ASSIGN_OR_RETURN(ExprPtr right, ParseAnd());
-      DSERVE_ASSIGN_OR_RETURN(left,
-                              MakeBinary(BinaryOp::kOr, pos, std::move(left), std::move(right)));
+  // ParseBinaryLevel parses `operand (op operand)*` into a left-leaning tree,
+  // where `op_of` names the operator of the current token at this precedence
+  // level (nullopt: not one of this level's operators).
+  using OperandParser = absl::StatusOr<ExprPtr> (Parser::*)();
+  absl::StatusOr<ExprPtr> ParseBinaryLevel(OperandParser operand,
+                                           std::optional<BinaryOp> (*op_of)(const Token&)) {
+    DSERVE_ASSIGN_OR_RETURN(ExprPtr left, (this->*operand)());
+    while (!AtEnd()) {
+      const std::optional<BinaryOp> op = op_of(tokens_[cur_]);
+      if (!op.has_value()) break;
+      const uint32_t pos = tokens_[cur_++].pos;
+      DSERVE_ASSIGN_OR_RETURN(ExprPtr right, (this->*operand)());
+      DSERVE_ASSIGN_OR_RETURN(left, MakeBinary(*op, pos, std::move(left), std::move(right)));
     }
     return left;
   }
 
+  absl::StatusOr<ExprPtr> ParseOr() {
+    return ParseBinaryLevel(&Parser::ParseAnd, [](const Token& t) -> std::optional<BinaryOp> {
+      if (t.type == Tok::kOr) return BinaryOp::kOr;
+      return std::nullopt;
+    });
+  }
+
   absl::StatusOr<ExprPtr> ParseAnd() {
-    DSERVE_ASSIGN_OR_RETURN(ExprPtr left, ParseNot());
-    while (Is(Tok::kAnd)) {
-      const uint32_t pos = Pos();
-      ++cur_;
-      DSERVE_ASSIGN_OR_RETURN(ExprPtr right, ParseNot());
-      DSERVE_ASSIGN_OR_RETURN(left,
-                              MakeBinary(BinaryOp::kAnd, pos, std::move(left), std::move(right)));
-    }
-    return left;
+    return ParseBinaryLevel(&Parser::ParseNot, [](const Token& t) -> std::optional<BinaryOp> {
+      if (t.type == Tok::kAnd) return BinaryOp::kAnd;
+      return std::nullopt;
+    });
   }
 
   absl::StatusOr<ExprPtr> ParseNot() {
@@ -1482,56 +1489,41 @@ class Parser {
   }
 
   absl::StatusOr<ExprPtr> ParseComparison() {
-    DSERVE_ASSIGN_OR_RETURN(ExprPtr left, ParseAdditive());
-    while (Is(Tok::kComparison) || Is(Tok::kIn) || Is(Tok::kNotIn)) {
-      const Token& t = tokens_[cur_++];
-      BinaryOp op = BinaryOp::kIn;
-      if (t.type == Tok::kNotIn) op = BinaryOp::kNotIn;
-      if (t.value == "==") op = BinaryOp::kEq;
-      if (t.value == "!=") op = BinaryOp::kNe;
-      if (t.value == "<") op = BinaryOp::kLt;
-      if (t.value == ">") op = BinaryOp::kGt;
-      if (t.value == "<=") op = BinaryOp::kLe;
-      if (t.value == ">=") op = BinaryOp::kGe;
-      DSERVE_ASSIGN_OR_RETURN(ExprPtr right, ParseAdditive());
-      DSERVE_ASSIGN_OR_RETURN(left, MakeBinary(op, t.pos, std::move(left), std::move(right)));
-    }
-    return left;
+    return ParseBinaryLevel(&Parser::ParseAdditive, [](const Token& t) -> std::optional<BinaryOp> {
+      if (t.type == Tok::kIn) return BinaryOp::kIn;
+      if (t.type == Tok::kNotIn) return BinaryOp::kNotIn;
+      if (t.type != Tok::kComparison) return std::nullopt;
+      if (t.value == "==") return BinaryOp::kEq;
+      if (t.value == "!=") return BinaryOp::kNe;
+      if (t.value == "<") return BinaryOp::kLt;
+      if (t.value == ">") return BinaryOp::kGt;
+      if (t.value == "<=") return BinaryOp::kLe;
+      if (t.value == ">=") return BinaryOp::kGe;
+      return std::nullopt;
+    });
   }
 
   absl::StatusOr<ExprPtr> ParseAdditive() {
-    DSERVE_ASSIGN_OR_RETURN(ExprPtr left, ParseConcat());
-    while (Is(Tok::kAdditive)) {
-      const Token& t = tokens_[cur_++];
-      DSERVE_ASSIGN_OR_RETURN(ExprPtr right, ParseConcat());
-      DSERVE_ASSIGN_OR_RETURN(left, MakeBinary(t.value == "+" ? BinaryOp::kAdd : BinaryOp::kSub,
-                                               t.pos, std::move(left), std::move(right)));
-    }
-    return left;
+    return ParseBinaryLevel(&Parser::ParseConcat, [](const Token& t) -> std::optional<BinaryOp> {
+      if (t.type != Tok::kAdditive) return std::nullopt;
+      return t.value == "+" ? BinaryOp::kAdd : BinaryOp::kSub;
+    });
   }
 
   absl::StatusOr<ExprPtr> ParseConcat() {
-    DSERVE_ASSIGN_OR_RETURN(ExprPtr left, ParseMultiplicative());
-    while (Is(Tok::kTilde)) {
-      const uint32_t pos = Pos();
-      ++cur_;
-      DSERVE_ASSIGN_OR_RETURN(ExprPtr right, ParseMultiplicative());
-      DSERVE_ASSIGN_OR_RETURN(
-          left, MakeBinary(BinaryOp::kConcat, pos, std::move(left), std::move(right)));
-    }
-    return left;
+    return ParseBinaryLevel(&Parser::ParseMultiplicative,
+                            [](const Token& t) -> std::optional<BinaryOp> {
+                              if (t.type == Tok::kTilde) return BinaryOp::kConcat;
+                              return std::nullopt;
+                            });
   }
 
   absl::StatusOr<ExprPtr> ParseMultiplicative() {
-    DSERVE_ASSIGN_OR_RETURN(ExprPtr left, ParseTest());
-    while (Is(Tok::kMultiplicative)) {
-      const Token& t = tokens_[cur_++];
-      const BinaryOp op =
-          t.value == "*" ? BinaryOp::kMul : (t.value == "/" ? BinaryOp::kDiv : BinaryOp::kMod);
-      DSERVE_ASSIGN_OR_RETURN(ExprPtr right, ParseTest());
-      DSERVE_ASSIGN_OR_RETURN(left, MakeBinary(op, t.pos, std::move(left), std::move(right)));
-    }
-    return left;
+    return ParseBinaryLevel(&Parser::ParseTest, [](const Token& t) -> std::optional<BinaryOp> {
+      if (t.type != Tok::kMultiplicative) return std::nullopt;
+      if (t.value == "*") return BinaryOp::kMul;
+      return t.value == "/" ? BinaryOp::kDiv : BinaryOp::kMod;
+    });
   }
 
   absl::StatusOr<ExprPtr> ParseTest() {
