@@ -37,10 +37,12 @@ absl::Status RequireNonNegative(absl::string_view side, absl::string_view name, 
       absl::StrCat(Field(side, name), " must not be negative, got ", value));
 }
 
-// ValidateLayout checks one side's layout on its own: sizes, the extent of
-// the addressed bytes against pool_bytes (in overflow-checked int64), and
+}  // namespace
+
+// ValidateKvPoolLayout checks one side's layout on its own: sizes, the extent
+// of the addressed bytes against pool_bytes (in overflow-checked int64), and
 // that strides nest so no two (layer, block) byte ranges overlap.
-absl::Status ValidateLayout(absl::string_view side, const KvPoolLayout& l) {
+absl::Status ValidateKvPoolLayout(absl::string_view side, const KvPoolLayout& l) {
   DSERVE_RETURN_IF_ERROR(RequirePositive(side, "num_layers", l.num_layers));
   DSERVE_RETURN_IF_ERROR(RequirePositive(side, "num_blocks", l.num_blocks));
   DSERVE_RETURN_IF_ERROR(RequirePositive(side, "block_tokens", l.block_tokens));
@@ -96,6 +98,8 @@ absl::Status ValidateLayout(absl::string_view side, const KvPoolLayout& l) {
   return absl::OkStatus();
 }
 
+namespace {
+
 // ValidateBlocks checks one side's block table: ids in range, enough blocks
 // for tokens [first_token, end_token), and (for the destination) no id twice.
 absl::Status ValidateBlocks(absl::string_view side, std::span<const KvBlockId> blocks,
@@ -144,8 +148,8 @@ absl::Status ValidateRequest(const KvTransferRequest& r, LayerRange* layers, int
     return absl::InvalidArgumentError(absl::StrCat("first_token ", r.first_token, " + num_tokens ",
                                                    r.num_tokens, " overflows int64"));
   }
-  DSERVE_RETURN_IF_ERROR(ValidateLayout("src", r.src_layout));
-  DSERVE_RETURN_IF_ERROR(ValidateLayout("dst", r.dst_layout));
+  DSERVE_RETURN_IF_ERROR(ValidateKvPoolLayout("src", r.src_layout));
+  DSERVE_RETURN_IF_ERROR(ValidateKvPoolLayout("dst", r.dst_layout));
   if (r.src_layout.num_layers != r.dst_layout.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat(
         "layouts disagree on num_layers: src_layout.num_layers is ", r.src_layout.num_layers,
@@ -175,14 +179,20 @@ absl::Status ValidateRequest(const KvTransferRequest& r, LayerRange* layers, int
   return absl::OkStatus();
 }
 
-}  // namespace
-
-KvPoolLayout LayerMajorLayout(const KvPoolShape& shape) {
+// UnstridedLayout: `shape`'s sizes, strides still to be chosen.
+KvPoolLayout UnstridedLayout(const KvPoolShape& shape) {
   KvPoolLayout l;
   l.num_layers = shape.num_layers;
   l.num_blocks = shape.num_blocks;
   l.block_tokens = shape.block_tokens;
   l.bytes_per_token_per_layer = shape.bytes_per_token_per_layer;
+  return l;
+}
+
+}  // namespace
+
+KvPoolLayout LayerMajorLayout(const KvPoolShape& shape) {
+  KvPoolLayout l = UnstridedLayout(shape);
   l.block_stride_bytes = shape.block_tokens * shape.bytes_per_token_per_layer;
   l.layer_stride_bytes = shape.num_blocks * l.block_stride_bytes;
   l.pool_bytes = shape.num_layers * l.layer_stride_bytes;
@@ -190,11 +200,7 @@ KvPoolLayout LayerMajorLayout(const KvPoolShape& shape) {
 }
 
 KvPoolLayout BlockMajorLayout(const KvPoolShape& shape) {
-  KvPoolLayout l;
-  l.num_layers = shape.num_layers;
-  l.num_blocks = shape.num_blocks;
-  l.block_tokens = shape.block_tokens;
-  l.bytes_per_token_per_layer = shape.bytes_per_token_per_layer;
+  KvPoolLayout l = UnstridedLayout(shape);
   l.layer_stride_bytes = shape.block_tokens * shape.bytes_per_token_per_layer;
   l.block_stride_bytes = shape.num_layers * l.layer_stride_bytes;
   l.pool_bytes = shape.num_blocks * l.block_stride_bytes;

@@ -24,6 +24,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace dserve::kvtransfer {
 
@@ -62,6 +63,10 @@ struct KvPoolLayout {
   int64_t base_offset_bytes = 0;
   int64_t pool_bytes = 0;
 };
+
+// ValidateKvPoolLayout: INVALID_ARGUMENT, naming "<side>_layout.<field>",
+// unless `layout` is valid as described above.
+absl::Status ValidateKvPoolLayout(absl::string_view side, const KvPoolLayout& layout);
 
 // LayerMajorLayout: [layer][block][slot][bytes], the layout of
 // engine::KvBlockPool. A run of consecutive block ids is one contiguous range
