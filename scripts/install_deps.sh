@@ -10,6 +10,7 @@ packages=(
   # RPC and base libraries
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev nlohmann-json3-dev libcpp-httplib-dev libre2-dev libxxhash-dev libicu-dev
+  libyaml-cpp-dev
   # KV transport
   libucx-dev ucx-utils
   # math
