@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <deque>
 
 #include "absl/strings/str_cat.h"
@@ -13,6 +14,14 @@ namespace {
 
 int64_t BlocksFor(int64_t tokens, int64_t block_tokens) {
   return (tokens + block_tokens - 1) / block_tokens;
+}
+
+// LogProbability: log-softmax of `logits` at `token`, in double.
+float LogProbability(std::span<const float> logits, TokenId token) {
+  const float max = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (float v : logits) sum += std::exp(static_cast<double>(v - max));
+  return static_cast<float>(static_cast<double>(logits[token] - max) - std::log(sum));
 }
 
 double SecondsSince(std::chrono::steady_clock::time_point t0) {
@@ -34,8 +43,11 @@ std::string_view FinishReasonName(FinishReason reason) {
 }
 
 Engine::Engine(std::unique_ptr<kernels::MatmulBackend> backend, std::unique_ptr<Model> model,
-               const EngineOptions& options, const KvCacheLayout& layout)
-    : options_(options), backend_(std::move(backend)), model_(std::move(model)), pool_(layout) {}
+               const EngineOptions& options, const KvCacheLayout& layout, float* kv_memory)
+    : options_(options),
+      backend_(std::move(backend)),
+      model_(std::move(model)),
+      pool_(layout, kv_memory) {}
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_dir,
                                                      const EngineOptions& options) {
@@ -59,10 +71,19 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   layout.block_tokens = options.kv_block_tokens;
   layout.num_blocks = BlocksFor(options.kv_cache_tokens, options.kv_block_tokens);
   layout.token_width = model->config().kv_cache_width();
-  return std::unique_ptr<Engine>(new Engine(std::move(backend), std::move(model), options, layout));
+  float* kv_memory = nullptr;
+  if (options.kv_memory) {
+    DSERVE_ASSIGN_OR_RETURN(uint8_t* bytes, options.kv_memory(layout.TotalBytes()));
+    if (reinterpret_cast<uintptr_t>(bytes) % alignof(float) != 0) {
+      return absl::InvalidArgumentError("kv_memory returned memory not aligned for float");
+    }
+    kv_memory = reinterpret_cast<float*>(bytes);
+  }
+  return std::unique_ptr<Engine>(
+      new Engine(std::move(backend), std::move(model), options, layout, kv_memory));
 }
 
-absl::StatusOr<SequenceId> Engine::AddSequence(const GenerationRequest& request) {
+absl::Status Engine::ValidateRequest(const GenerationRequest& request) const {
   const ModelConfig& c = config();
   if (request.prompt.empty()) {
     return absl::InvalidArgumentError("prompt must hold at least 1 token");
@@ -80,7 +101,11 @@ absl::StatusOr<SequenceId> Engine::AddSequence(const GenerationRequest& request)
           "prompt token ", i, " has id ", t, ", outside [0, vocab_size=", c.vocab_size, ")"));
     }
   }
-  DSERVE_RETURN_IF_ERROR(ValidateSamplingParams(request.sampling, c.vocab_size));
+  return ValidateSamplingParams(request.sampling, c.vocab_size);
+}
+
+absl::StatusOr<SequenceId> Engine::AddSequence(const GenerationRequest& request) {
+  DSERVE_RETURN_IF_ERROR(ValidateRequest(request));
   auto seq = std::make_unique<Sequence>();
   seq->id = next_id_++;
   seq->tokens = request.prompt;
@@ -91,9 +116,51 @@ absl::StatusOr<SequenceId> Engine::AddSequence(const GenerationRequest& request)
   return id;
 }
 
+absl::StatusOr<SequenceId> Engine::AdoptSequence(const GenerationRequest& request,
+                                                 std::vector<KvBlockId> blocks,
+                                                 TokenId first_token) {
+  DSERVE_RETURN_IF_ERROR(ValidateRequest(request));
+  const int64_t prompt_len = static_cast<int64_t>(request.prompt.size());
+  const int64_t bt = pool_.layout().block_tokens;
+  if (static_cast<int64_t>(blocks.size()) < BlocksFor(prompt_len, bt)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "blocks: ", blocks.size(), " blocks cannot hold a ", prompt_len, "-token prompt"));
+  }
+  for (KvBlockId b : blocks) {
+    if (!pool_.IsAllocated(b)) {
+      return absl::InvalidArgumentError(absl::StrCat("blocks: block ", b, " is not allocated"));
+    }
+  }
+  if (first_token < 0 || first_token >= config().vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "first_token ", first_token, " outside [0, vocab_size=", config().vocab_size, ")"));
+  }
+  auto seq = std::make_unique<Sequence>();
+  seq->id = next_id_++;
+  seq->tokens = request.prompt;
+  seq->prompt_len = prompt_len;
+  seq->num_computed = prompt_len;
+  seq->sampling = request.sampling;
+  seq->blocks.Assign(std::move(blocks));
+  seq->blocks.UpdateHashes(seq->tokens, seq->num_computed, bt);
+  seq->tokens.push_back(first_token);
+  CheckFinish(*seq, first_token);
+  const SequenceId id = seq->id;
+  sequences_.emplace(id, std::move(seq));
+  return id;
+}
+
 const Sequence* Engine::Find(SequenceId id) const {
   auto it = sequences_.find(id);
   return it == sequences_.end() ? nullptr : it->second.get();
+}
+
+absl::Status Engine::EnsureCapacity(SequenceId id, int64_t num_tokens) {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrCat("sequence ", id, " not found"));
+  }
+  return it->second->blocks.EnsureCapacity(pool_, num_tokens);
 }
 
 absl::Status Engine::Release(SequenceId id) {
@@ -114,7 +181,17 @@ bool Engine::IsStop(const Sequence& seq, TokenId token) const {
   return std::find(eos.begin(), eos.end(), token) != eos.end();
 }
 
-absl::StatusOr<StepOutcome> Engine::Step(std::span<const StepItem> items) {
+void Engine::CheckFinish(Sequence& seq, TokenId token) const {
+  if (IsStop(seq, token)) {
+    seq.finish = FinishReason::kStop;
+  } else if (static_cast<int64_t>(seq.output().size()) >= seq.sampling.max_tokens ||
+             static_cast<int64_t>(seq.tokens.size()) >= config().max_position_embeddings) {
+    seq.finish = FinishReason::kLength;
+  }
+}
+
+absl::StatusOr<StepOutcome> Engine::Step(std::span<const StepItem> items,
+                                         const LayerDone& layer_done) {
   std::vector<Sequence*> seqs;
   seqs.reserve(items.size());
   for (const StepItem& item : items) {
@@ -154,7 +231,8 @@ absl::StatusOr<StepOutcome> Engine::Step(std::span<const StepItem> items) {
         items[i].num_tokens == seq.num_pending() ? LogitsMode::kLast : LogitsMode::kNone;
     outcome.tokens_computed += items[i].num_tokens;
   }
-  DSERVE_ASSIGN_OR_RETURN(last_logits_, model_->Forward(chunks, pool_, options_.attention));
+  DSERVE_ASSIGN_OR_RETURN(last_logits_,
+                          model_->Forward(chunks, pool_, options_.attention, layer_done));
 
   const int64_t vocab = config().vocab_size;
   std::vector<float> scratch(vocab);
@@ -164,17 +242,14 @@ absl::StatusOr<StepOutcome> Engine::Step(std::span<const StepItem> items) {
     seq.num_computed += items[i].num_tokens;
     seq.blocks.UpdateHashes(seq.tokens, seq.num_computed, pool_.layout().block_tokens);
     if (chunks[i].logits == LogitsMode::kNone) continue;
-    std::copy_n(last_logits_.data() + row * vocab, vocab, scratch.data());
+    const float* row_logits = last_logits_.data() + row * vocab;
+    std::copy_n(row_logits, vocab, scratch.data());
     ++row;
     const TokenId token = SampleToken(scratch, seq.sampling, seq.prompt(), seq.output());
     seq.tokens.push_back(token);
     outcome.sampled.emplace_back(seq.id, token);
-    if (IsStop(seq, token)) {
-      seq.finish = FinishReason::kStop;
-    } else if (static_cast<int64_t>(seq.output().size()) >= seq.sampling.max_tokens ||
-               static_cast<int64_t>(seq.tokens.size()) >= config().max_position_embeddings) {
-      seq.finish = FinishReason::kLength;
-    }
+    outcome.logprobs.push_back(LogProbability(std::span(row_logits, vocab), token));
+    CheckFinish(seq, token);
     if (seq.finish != FinishReason::kNone) outcome.finished.push_back(seq.id);
   }
   return outcome;

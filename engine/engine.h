@@ -6,6 +6,7 @@
 #define DSERVE_ENGINE_ENGINE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -32,6 +33,10 @@ struct EngineOptions {
   int64_t kv_cache_tokens = 1 << 16;  // pool capacity, rounded up to blocks
   int64_t max_step_tokens = 2048;     // Generate: token budget of one step
   AttentionPath attention = AttentionPath::kAuto;
+  // When set, the KV pool's memory (`bytes`, float-aligned) comes from here
+  // instead of the heap: e.g. a region registered with a KV transport, so
+  // peers read and write blocks in place. The memory must outlive the engine.
+  std::function<absl::StatusOr<uint8_t*>(int64_t bytes)> kv_memory = nullptr;
 };
 
 // Sequence: a request's state. Owned by the Engine.
@@ -66,6 +71,9 @@ struct StepItem {
 struct StepOutcome {
   int64_t tokens_computed = 0;
   std::vector<std::pair<SequenceId, TokenId>> sampled;
+  // logprobs[i]: log-probability of sampled[i]'s token under the model's
+  // distribution (log-softmax of the raw logits, before any sampling knob).
+  std::vector<float> logprobs;
   std::vector<SequenceId> finished;
 };
 
@@ -98,12 +106,29 @@ class Engine {
   const ModelConfig& config() const { return model_->config(); }
   const Model& model() const { return *model_; }
   const KvBlockPool& pool() const { return pool_; }
+  // mutable_pool: for a scheduler that reserves blocks for KV arriving from
+  // a peer (see AdoptSequence).
+  KvBlockPool& mutable_pool() { return pool_; }
   const EngineOptions& options() const { return options_; }
 
   // AddSequence validates the request (INVALID_ARGUMENT naming the field)
   // and registers it; it takes no KV blocks until it runs.
   absl::StatusOr<SequenceId> AddSequence(const GenerationRequest& request);
+  // AdoptSequence registers a request whose prompt KV is already in
+  // `blocks` (allocated from this pool, in position order, covering the
+  // prompt; computed elsewhere, e.g. by a prefill worker) and whose first
+  // output token is `first_token`. On success the sequence owns the blocks
+  // (Release frees them); on error the caller still does. The sequence may
+  // already be finished (stop token, max_tokens 1, context full); otherwise
+  // its next Step item feeds first_token.
+  absl::StatusOr<SequenceId> AdoptSequence(const GenerationRequest& request,
+                                           std::vector<KvBlockId> blocks, TokenId first_token);
   const Sequence* Find(SequenceId id) const;
+  // EnsureCapacity allocates a sequence's blocks for its first `num_tokens`
+  // ahead of the steps that fill them (e.g. so a transfer can be planned
+  // over all of them). RESOURCE_EXHAUSTED, allocating nothing, when the pool
+  // cannot hold them.
+  absl::Status EnsureCapacity(SequenceId id, int64_t num_tokens);
   // Release frees a sequence's blocks and forgets it (finished or not).
   absl::Status Release(SequenceId id);
   int64_t num_sequences() const { return static_cast<int64_t>(sequences_.size()); }
@@ -112,7 +137,9 @@ class Engine {
   // the pool cannot hold them the step fails with RESOURCE_EXHAUSTED before
   // computing anything (blocks taken for earlier items stay with their
   // sequences). Finished sequences keep their blocks until Release.
-  absl::StatusOr<StepOutcome> Step(std::span<const StepItem> items);
+  // `layer_done` is called as each layer's KV lands (Model::Forward).
+  absl::StatusOr<StepOutcome> Step(std::span<const StepItem> items,
+                                   const LayerDone& layer_done = {});
 
   // Logits of the last Step for sequences that sampled, for tests: row i
   // belongs to outcome.sampled[i].
@@ -127,8 +154,11 @@ class Engine {
 
  private:
   Engine(std::unique_ptr<kernels::MatmulBackend> backend, std::unique_ptr<Model> model,
-         const EngineOptions& options, const KvCacheLayout& layout);
+         const EngineOptions& options, const KvCacheLayout& layout, float* kv_memory);
   bool IsStop(const Sequence& seq, TokenId token) const;
+  // Finish sets seq.finish after `token` was appended.
+  void CheckFinish(Sequence& seq, TokenId token) const;
+  absl::Status ValidateRequest(const GenerationRequest& request) const;
 
   EngineOptions options_;
   std::unique_ptr<kernels::MatmulBackend> backend_;

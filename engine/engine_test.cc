@@ -180,5 +180,87 @@ TEST_F(EngineTest, BadRequestsAreRefusedBeforeRunning) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("gpu9000")));
 }
 
+// Disaggregation at the engine level: one engine runs the prompt, its KV is
+// copied into blocks of a second engine (with another block size, from
+// caller-provided memory), which adopts the sequence and decodes. The tokens
+// equal a single engine's for every request, and layer_done fires per layer.
+TEST_F(EngineTest, AdoptedSequenceDecodesLikeOneEngine) {
+  const std::vector<GenerationRequest> reqs = MixedRequests(8);
+  auto reference = Make()->Generate(reqs);
+  ASSERT_OK(reference.status());
+
+  auto prefill = Make({.kv_block_tokens = 16});
+  std::vector<uint8_t> decode_memory;
+  EngineOptions decode_options{.kv_block_tokens = 64};
+  decode_options.kv_memory = [&](int64_t bytes) -> absl::StatusOr<uint8_t*> {
+    decode_memory.assign(bytes, 0);
+    return decode_memory.data();
+  };
+  auto decode = Make(decode_options);
+  ASSERT_EQ(decode->pool().data(), reinterpret_cast<float*>(decode_memory.data()));
+  const KvCacheLayout& pl = prefill->pool().layout();
+  const KvCacheLayout& dl = decode->pool().layout();
+  const int64_t free_at_start = decode->pool().num_free();
+
+  for (size_t r = 0; r < reqs.size(); ++r) {
+    SCOPED_TRACE(r);
+    ASSERT_OK_AND_ASSIGN(SequenceId p, prefill->AddSequence(reqs[r]));
+    const int64_t n = static_cast<int64_t>(reqs[r].prompt.size());
+    std::vector<int64_t> layers;
+    const StepItem item{p, n};
+    ASSERT_OK_AND_ASSIGN(StepOutcome out, prefill->Step(std::span(&item, 1), [&](int64_t l) {
+      layers.push_back(l);
+    }));
+    ASSERT_EQ(layers.size(), static_cast<size_t>(pl.num_layers));
+    for (int64_t l = 0; l < pl.num_layers; ++l) EXPECT_EQ(layers[l], l);
+    ASSERT_EQ(out.sampled.size(), 1u);
+    ASSERT_EQ(out.logprobs.size(), 1u);
+    EXPECT_LE(out.logprobs[0], 0.0f);
+    EXPECT_EQ(out.sampled[0].second, (*reference)[r].output[0]);
+
+    ASSERT_OK_AND_ASSIGN(auto blocks,
+                         decode->mutable_pool().Allocate((n + dl.block_tokens - 1) / dl.block_tokens));
+    const Sequence& ps = *prefill->Find(p);
+    for (int64_t l = 0; l < pl.num_layers; ++l) {
+      for (int64_t t = 0; t < n; ++t) {
+        std::copy_n(prefill->pool().Slot(l, ps.blocks.BlockOf(t, pl.block_tokens), t % pl.block_tokens),
+                    pl.token_width,
+                    decode->mutable_pool().Slot(l, blocks[t / dl.block_tokens], t % dl.block_tokens));
+      }
+    }
+    ASSERT_OK_AND_ASSIGN(SequenceId d, decode->AdoptSequence(reqs[r], blocks, out.sampled[0].second));
+    ASSERT_OK(prefill->Release(p));
+    while (decode->Find(d)->finish == FinishReason::kNone) {
+      const StepItem next{d, 1};
+      ASSERT_OK(decode->Step(std::span(&next, 1)).status());
+    }
+    const auto output = decode->Find(d)->output();
+    EXPECT_EQ(std::vector<TokenId>(output.begin(), output.end()), (*reference)[r].output);
+    EXPECT_EQ(decode->Find(d)->finish, (*reference)[r].finish);
+    ASSERT_OK(decode->Release(d));
+  }
+  EXPECT_EQ(decode->pool().num_free(), free_at_start);
+  EXPECT_EQ(prefill->pool().num_free(), prefill->pool().num_blocks());
+}
+
+TEST_F(EngineTest, AdoptSequenceRefusesBlocksThatCannotHoldThePrompt) {
+  auto e = Make();
+  GenerationRequest req;
+  req.prompt.assign(40, 7);
+  ASSERT_OK_AND_ASSIGN(auto blocks, e->mutable_pool().Allocate(2));  // 32 tokens
+  EXPECT_THAT(e->AdoptSequence(req, blocks, 1), StatusIs(absl::StatusCode::kInvalidArgument,
+                                                          HasSubstr("40-token prompt")));
+  ASSERT_OK_AND_ASSIGN(auto more, e->mutable_pool().Allocate(1));
+  blocks.push_back(more[0]);
+  EXPECT_THAT(e->AdoptSequence(req, blocks, -3),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("first_token")));
+  // A max_tokens of 1 is finished on adoption.
+  req.sampling.max_tokens = 1;
+  ASSERT_OK_AND_ASSIGN(SequenceId id, e->AdoptSequence(req, blocks, 5));
+  EXPECT_EQ(e->Find(id)->finish, FinishReason::kLength);
+  ASSERT_OK(e->Release(id));
+  EXPECT_EQ(e->pool().num_free(), e->pool().num_blocks());
+}
+
 }  // namespace
 }  // namespace dserve::engine

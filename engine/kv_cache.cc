@@ -8,9 +8,10 @@
 
 namespace dserve::engine {
 
-KvBlockPool::KvBlockPool(const KvCacheLayout& layout)
+KvBlockPool::KvBlockPool(const KvCacheLayout& layout, float* memory)
     : layout_(layout),
-      data_(static_cast<size_t>(layout.num_layers * layout.LayerStrideFloats())),
+      owned_(memory ? 0 : static_cast<size_t>(layout.num_layers * layout.LayerStrideFloats())),
+      data_(memory ? memory : owned_.data()),
       allocated_(static_cast<size_t>(layout.num_blocks), 0) {
   free_.reserve(layout.num_blocks);
   // Hand out low ids first, so fresh sequences get contiguous runs.
@@ -64,6 +65,11 @@ uint64_t HashKvBlock(uint64_t parent_hash, std::span<const TokenId> tokens) {
   uint64_t h = XXH64_digest(state);
   XXH64_freeState(state);
   return h;
+}
+
+void BlockTable::Assign(std::vector<KvBlockId> blocks) {
+  blocks_ = std::move(blocks);
+  hashes_.clear();
 }
 
 absl::Status BlockTable::EnsureCapacity(KvBlockPool& pool, int64_t num_tokens) {

@@ -47,7 +47,12 @@ struct KvCacheLayout {
 // Thread-compatible: the owner (one scheduler thread) serializes calls.
 class KvBlockPool {
  public:
-  explicit KvBlockPool(const KvCacheLayout& layout);
+  // The pool allocates its memory, or uses `memory` (layout.TotalBytes(),
+  // float-aligned, owned by the caller and outliving the pool: e.g. memory
+  // registered with a KV transport so peers can write blocks directly).
+  explicit KvBlockPool(const KvCacheLayout& layout, float* memory = nullptr);
+  KvBlockPool(const KvBlockPool&) = delete;
+  KvBlockPool& operator=(const KvBlockPool&) = delete;
 
   const KvCacheLayout& layout() const { return layout_; }
   int64_t num_blocks() const { return layout_.num_blocks; }
@@ -64,18 +69,19 @@ class KvBlockPool {
 
   // Slot returns the `width` floats of token `slot` of `block` in `layer`.
   float* Slot(int64_t layer, KvBlockId block, int64_t slot) {
-    return data_.data() + ((layer * layout_.num_blocks + block) * layout_.block_tokens + slot) *
+    return data_ + ((layer * layout_.num_blocks + block) * layout_.block_tokens + slot) *
                               layout_.token_width;
   }
   const float* Slot(int64_t layer, KvBlockId block, int64_t slot) const {
     return const_cast<KvBlockPool*>(this)->Slot(layer, block, slot);
   }
-  float* data() { return data_.data(); }
-  const float* data() const { return data_.data(); }
+  float* data() { return data_; }
+  const float* data() const { return data_; }
 
  private:
   KvCacheLayout layout_;
-  std::vector<float> data_;
+  std::vector<float> owned_;  // empty when the memory is the caller's
+  float* data_;
   std::vector<KvBlockId> free_;     // stack; top is handed out next
   std::vector<uint8_t> allocated_;  // per block
 };
@@ -98,6 +104,9 @@ class BlockTable {
     return blocks_[position / block_tokens];
   }
 
+  // Assign takes `blocks` (allocated from the pool by the caller, in position
+  // order) into an empty table, e.g. blocks a peer has filled with KV.
+  void Assign(std::vector<KvBlockId> blocks);
   // EnsureCapacity allocates blocks from `pool` until `num_tokens` fit.
   // On RESOURCE_EXHAUSTED nothing is allocated.
   absl::Status EnsureCapacity(KvBlockPool& pool, int64_t num_tokens);

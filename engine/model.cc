@@ -282,7 +282,8 @@ void Model::Attention(const LayerWeights& lw, int64_t layer, std::span<const Mod
 }
 
 absl::StatusOr<std::vector<float>> Model::Forward(std::span<const ModelChunk> chunks,
-                                                  KvBlockPool& pool, AttentionPath path) const {
+                                                  KvBlockPool& pool, AttentionPath path,
+                                                  const LayerDone& layer_done) const {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, heads = c.num_attention_heads;
   const int64_t rope = c.qk_rope_head_dim, kv_lora = c.kv_lora_rank, qk = c.qk_head_dim();
@@ -422,6 +423,7 @@ absl::StatusOr<std::vector<float>> Model::Forward(std::span<const ModelChunk> ch
       }
     }
     if (lw.is_moe) kernels::Axpy(1.0f, routed.data(), ws.x.data(), T * H);
+    if (layer_done) layer_done(l);
   }
 
   // --- final norm and lm_head on the rows that want logits ---

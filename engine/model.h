@@ -6,6 +6,7 @@
 #define DSERVE_ENGINE_MODEL_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -30,6 +31,11 @@ enum class LogitsMode { kNone, kLast, kAll };
 // values decompressed per head) for longer chunks; the others force one
 // form, for tests.
 enum class AttentionPath { kAuto, kAbsorbed, kExpanded };
+
+// LayerDone: called on the forward's thread when a layer's KV for every chunk
+// of the step is in the pool (e.g. to start sending that layer elsewhere
+// while the next ones compute). Must not touch the pool's other layers.
+using LayerDone = std::function<void(int64_t layer)>;
 
 // ModelChunk: one sequence's part of a step: `tokens` at positions
 // start_pos, start_pos+1, ...; the KV of positions < start_pos is already in
@@ -79,9 +85,11 @@ class Model {
 
   // Forward runs every chunk through the model, writing their KV into `pool`
   // at their block tables' slots, and returns the logits rows the chunks asked
-  // for, in chunk order ([rows x vocab_size]).
+  // for, in chunk order ([rows x vocab_size]). `layer_done`, when set, is
+  // called after each layer.
   absl::StatusOr<std::vector<float>> Forward(std::span<const ModelChunk> chunks, KvBlockPool& pool,
-                                             AttentionPath path = AttentionPath::kAuto) const;
+                                             AttentionPath path = AttentionPath::kAuto,
+                                             const LayerDone& layer_done = {}) const;
 
   // Replaces the routed-expert backend (e.g. with remote expert services).
   void SetRoutedExperts(std::shared_ptr<RoutedExperts> experts) { experts_ = std::move(experts); }
