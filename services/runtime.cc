@@ -167,8 +167,10 @@ ShutdownSignal::ShutdownSignal() {
   // A peer that closes a socket must not kill the process; writes report
   // EPIPE instead.
   std::signal(SIGPIPE, SIG_IGN);
-  signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC);
-  event_fd_ = eventfd(0, EFD_CLOEXEC);
+  // Non-blocking: a signal poll() reported on the signalfd may be taken by
+  // the handler on another thread before Wait reads it.
+  signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+  event_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (signal_fd_ < 0 || event_fd_ < 0) {
     // Only descriptor exhaustion gets here; Wait then sees neither source.
     Log("error",
