@@ -100,6 +100,7 @@ absl::Status InferenceClient::Generate(const v1::GenerateRequest& request, absl:
         result->finish_reason = response.complete().finish_reason();
         result->usage = response.complete().usage();
         result->matched_stop = response.complete().matched_stop();
+        result->server_timings = response.complete().timings();
         break;
       case v1::GenerateResponse::kError:
         stream_error = absl::Status(static_cast<absl::StatusCode>(response.error().code()),

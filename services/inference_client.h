@@ -55,6 +55,7 @@ struct GenerateResult {
   v1::FinishReason finish_reason = v1::FINISH_REASON_UNSPECIFIED;
   v1::Usage usage;
   std::string matched_stop;
+  v1::ServerTimings server_timings;  // from Complete
   // The "retry-after-ms" trailer of a RESOURCE_EXHAUSTED answer.
   std::optional<absl::Duration> retry_after;
   GenerateTiming timing;

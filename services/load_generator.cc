@@ -20,6 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "base/status_macros.h"
+#include "services/runtime.h"
 
 namespace dserve::services {
 namespace {
@@ -580,6 +581,9 @@ std::vector<RequestRecord> RunLoad(InferenceClient& client, const std::vector<Re
       r.tpot = result.timing.TimePerOutputToken();
       r.e2e = result.timing.EndToEnd();
       r.finished = result.timing.end - start;
+      r.prefill_queue = services::ToDuration(result.server_timings.prefill_queue());
+      r.prefill_compute = services::ToDuration(result.server_timings.prefill_compute());
+      r.kv_transfer = services::ToDuration(result.server_timings.kv_transfer());
     }
   };
   const size_t n_threads =
@@ -622,7 +626,7 @@ double Ms(absl::Duration d) { return absl::ToDoubleMilliseconds(d); }
 BenchSummary Summarize(const std::vector<RequestRecord>& records) {
   BenchSummary s;
   s.requests = static_cast<int64_t>(records.size());
-  std::vector<double> ttft, tpot, e2e, late;
+  std::vector<double> ttft, tpot, e2e, late, prefill_queue, prefill_compute, kv_transfer;
   absl::Duration last_end = absl::ZeroDuration();
   for (const RequestRecord& r : records) {
     last_end = std::max(last_end, r.finished);
@@ -641,6 +645,11 @@ BenchSummary Summarize(const std::vector<RequestRecord>& records) {
     if (r.ttft) ttft.push_back(Ms(*r.ttft));
     if (r.tpot) tpot.push_back(Ms(*r.tpot));
     e2e.push_back(Ms(r.e2e));
+    if (r.prefill_compute > absl::ZeroDuration()) {
+      prefill_queue.push_back(Ms(r.prefill_queue));
+      prefill_compute.push_back(Ms(r.prefill_compute));
+      kv_transfer.push_back(Ms(r.kv_transfer));
+    }
   }
   s.wall_seconds = absl::ToDoubleSeconds(last_end);
   if (s.wall_seconds > 0) {
@@ -651,6 +660,12 @@ BenchSummary Summarize(const std::vector<RequestRecord>& records) {
   s.tpot_ms = Summarize(tpot);
   s.e2e_ms = Summarize(e2e);
   s.lateness_ms = Summarize(late);
+  s.prefill_queue_ms = Summarize(prefill_queue);
+  s.prefill_compute_ms = Summarize(prefill_compute);
+  s.kv_transfer_ms = Summarize(kv_transfer);
+  if (s.kv_transfer_ms.count > 0 && s.ttft_ms.mean > 0) {
+    s.kv_transfer_share_of_ttft = s.kv_transfer_ms.mean / s.ttft_ms.mean;
+  }
   return s;
 }
 
@@ -670,6 +685,13 @@ std::string FormatSummaryTable(const BenchSummary& s) {
   row("tpot", s.tpot_ms);
   row("e2e", s.e2e_ms);
   row("lateness", s.lateness_ms);
+  if (s.kv_transfer_ms.count > 0) {
+    row("prefill_q", s.prefill_queue_ms);
+    row("prefill", s.prefill_compute_ms);
+    row("kv_transfer", s.kv_transfer_ms);
+    absl::StrAppendFormat(&out, "kv transfer  %.1f%% of mean TTFT (its tail after the last layer)\n",
+                          100 * s.kv_transfer_share_of_ttft);
+  }
   if (s.late_requests > 0) {
     absl::StrAppendFormat(&out,
                           "late         %d requests sent more than 10 ms after their schedule "
@@ -706,7 +728,11 @@ nlohmann::json SummaryToJson(const BenchSummary& s) {
           {"ttft_ms", LatencyJson(s.ttft_ms)},
           {"tpot_ms", LatencyJson(s.tpot_ms)},
           {"e2e_ms", LatencyJson(s.e2e_ms)},
-          {"lateness_ms", LatencyJson(s.lateness_ms)}};
+          {"lateness_ms", LatencyJson(s.lateness_ms)},
+          {"prefill_queue_ms", LatencyJson(s.prefill_queue_ms)},
+          {"prefill_compute_ms", LatencyJson(s.prefill_compute_ms)},
+          {"kv_transfer_ms", LatencyJson(s.kv_transfer_ms)},
+          {"kv_transfer_share_of_ttft", s.kv_transfer_share_of_ttft}};
 }
 
 }  // namespace dserve::services

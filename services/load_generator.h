@@ -178,6 +178,8 @@ struct RequestRecord {
   std::optional<absl::Duration> tpot;
   absl::Duration e2e;
   absl::Duration finished;  // offset of the stream's end
+  // The servers' view of the time to first token (Complete.timings).
+  absl::Duration prefill_queue, prefill_compute, kv_transfer;
 };
 
 // RunLoad sends every spec at run start + spec.arrival from
@@ -208,6 +210,11 @@ struct BenchSummary {
   double request_throughput = 0;                   // succeeded / wall
   double output_token_throughput = 0;              // output tokens / wall
   LatencySummary ttft_ms, tpot_ms, e2e_ms, lateness_ms;
+  // Server-side parts of TTFT (disaggregated requests): the prefill
+  // worker's queue and compute, and the KV transfer's tail after the last
+  // layer; kv_transfer_share_of_ttft = mean kv_transfer / mean TTFT.
+  LatencySummary prefill_queue_ms, prefill_compute_ms, kv_transfer_ms;
+  double kv_transfer_share_of_ttft = 0;
   int64_t late_requests = 0;  // sent more than 10 ms after their schedule
 };
 
