@@ -216,7 +216,10 @@ absl::Status FinalizeWorkerGroup(WorkerGroup& c, const std::string& p) {
   return CheckPositive(c.resolve_interval(), p + "resolve_interval");
 }
 
-absl::Status FinalizePrefill(PrefillConfig& c, const std::string& p) {
+// FinalizeWorker: what prefill and decode configs share (their messages name
+// these fields alike).
+template <typename WorkerConfig>
+absl::Status FinalizeWorker(WorkerConfig& c, const std::string& p) {
   DSERVE_RETURN_IF_ERROR(FinalizeServer(*c.mutable_server(), p + "server."));
   DSERVE_RETURN_IF_ERROR(FinalizeEngine(*c.mutable_engine(), p + "engine."));
   DSERVE_RETURN_IF_ERROR(FinalizeTransport(*c.mutable_transport(), p + "transport."));
@@ -227,17 +230,14 @@ absl::Status FinalizePrefill(PrefillConfig& c, const std::string& p) {
   return CheckPositive(c.load_report_interval(), p + "load_report_interval");
 }
 
+absl::Status FinalizePrefill(PrefillConfig& c, const std::string& p) {
+  return FinalizeWorker(c, p);
+}
+
 absl::Status FinalizeDecode(DecodeConfig& c, const std::string& p) {
-  DSERVE_RETURN_IF_ERROR(FinalizeServer(*c.mutable_server(), p + "server."));
-  DSERVE_RETURN_IF_ERROR(FinalizeEngine(*c.mutable_engine(), p + "engine."));
-  DSERVE_RETURN_IF_ERROR(FinalizeTransport(*c.mutable_transport(), p + "transport."));
-  if (c.max_queued_requests() == 0) c.set_max_queued_requests(256);
-  DSERVE_RETURN_IF_ERROR(
-      CheckRange(c.max_queued_requests(), 1, 1 << 20, p + "max_queued_requests"));
+  DSERVE_RETURN_IF_ERROR(FinalizeWorker(c, p));
   if (!c.has_reservation_ttl()) *c.mutable_reservation_ttl() = Seconds(30);
-  DSERVE_RETURN_IF_ERROR(CheckPositive(c.reservation_ttl(), p + "reservation_ttl"));
-  if (!c.has_load_report_interval()) *c.mutable_load_report_interval() = Millis(100);
-  return CheckPositive(c.load_report_interval(), p + "load_report_interval");
+  return CheckPositive(c.reservation_ttl(), p + "reservation_ttl");
 }
 
 absl::Status FinalizeRouter(RouterConfig& c, const std::string& p) {

@@ -3,41 +3,16 @@
 //
 //   dserve-decode [--config FILE] [--model DIR] [--listen HOST:PORT]
 //                 [--worker-id ID] [--aggregated]
-#include <cstdio>
 #include <string>
 #include <vector>
 
-#include "base/status_macros.h"
 #include "decode/decode_scheduler.h"
 #include "decode/decode_service.h"
-#include "services/cli_args.h"
-#include "services/config.h"
 #include "services/load_service.h"
-#include "services/runtime.h"
 #include "services/worker_common.h"
 
 namespace dserve {
 namespace {
-
-absl::StatusOr<config::v1::DecodeConfig> LoadConfig(const std::vector<std::string>& argv) {
-  DSERVE_ASSIGN_OR_RETURN(auto args, services::CliArgs::Parse(
-                                         argv, {"config", "model", "listen", "worker-id"},
-                                         {"aggregated"}));
-  config::v1::DecodeConfig config;
-  if (auto path = args.Get("config")) {
-    DSERVE_RETURN_IF_ERROR(services::LoadConfigFile(*path, &config));
-  }
-  if (auto v = args.Get("model")) config.mutable_engine()->set_model_dir(*v);
-  if (auto v = args.Get("listen")) config.mutable_server()->set_listen(*v);
-  if (auto v = args.Get("worker-id")) config.set_worker_id(*v);
-  if (args.Flag("aggregated")) config.set_aggregated(true);
-  DSERVE_RETURN_IF_ERROR(services::Finalize(config));
-  if (config.engine().model_dir().empty()) {
-    return absl::InvalidArgumentError("engine.model_dir is not set (use --model DIR)");
-  }
-  if (config.worker_id().empty()) config.set_worker_id("decode");
-  return config;
-}
 
 internal::v1::LoadReport Report(const config::v1::DecodeConfig& config,
                                 const decode::DecodeScheduler& scheduler) {
@@ -70,16 +45,14 @@ internal::v1::LoadReport Report(const config::v1::DecodeConfig& config,
 int Main(int argc, char** argv) {
   services::ShutdownSignal signal;
   services::SetLogService("decode");
-  auto config = LoadConfig(std::vector<std::string>(argv + 1, argv + argc));
-  if (!config.ok()) {
-    std::fprintf(stderr, "dserve-decode: %s\n", std::string(config.status().message()).c_str());
-    return 2;
-  }
+  auto config = services::LoadWorkerConfig<config::v1::DecodeConfig>(
+      std::vector<std::string>(argv + 1, argv + argc), "decode", {"aggregated"},
+      [](const services::CliArgs& args, config::v1::DecodeConfig& c) {
+        if (args.Flag("aggregated")) c.set_aggregated(true);
+      });
+  if (!config.ok()) return services::ExitWith("dserve-decode", config.status(), 2);
   auto worker = services::LoadWorkerEngine(config->engine(), config->transport());
-  if (!worker.ok()) {
-    std::fprintf(stderr, "dserve-decode: %s\n", std::string(worker.status().message()).c_str());
-    return 1;
-  }
+  if (!worker.ok()) return services::ExitWith("dserve-decode", worker.status(), 1);
   engine::Engine& engine = *(*worker)->engine;
   decode::DecodeScheduler scheduler(
       &engine, (*worker)->transport.get(), (*worker)->region.id,
@@ -93,17 +66,12 @@ int Main(int argc, char** argv) {
   decode::DecodeService decode_service(&scheduler);
   services::LoadReportService load_service([&] { return Report(*config, scheduler); },
                                            services::ToDuration(config->load_report_interval()));
-  auto server = services::GrpcServer::Start(config->server(), {&decode_service, &load_service});
-  if (!server.ok()) {
-    std::fprintf(stderr, "dserve-decode: %s\n", std::string(server.status().message()).c_str());
-    return 2;
-  }
-  return services::RunUntilShutdown("decode", **server, signal,
-                                    services::ToDuration(config->server().drain_timeout()),
-                                    [&](absl::Time deadline) {
-                                      scheduler.Drain(deadline);
-                                      load_service.Stop();
-                                    });
+  return services::ServeWorker("dserve-decode", "decode", config->server(),
+                               {&decode_service, &load_service}, signal,
+                               [&](absl::Time deadline) {
+                                 scheduler.Drain(deadline);
+                                 load_service.Stop();
+                               });
 }
 
 }  // namespace

@@ -1,39 +1,16 @@
 // services/prefill_main.cc: `dserve-prefill`, a prefill worker.
 //
 //   dserve-prefill [--config FILE] [--model DIR] [--listen HOST:PORT] [--worker-id ID]
-#include <cstdio>
 #include <string>
 #include <vector>
 
-#include "base/status_macros.h"
 #include "prefill/prefill_scheduler.h"
 #include "prefill/prefill_service.h"
-#include "services/cli_args.h"
-#include "services/config.h"
 #include "services/load_service.h"
-#include "services/runtime.h"
 #include "services/worker_common.h"
 
 namespace dserve {
 namespace {
-
-absl::StatusOr<config::v1::PrefillConfig> LoadConfig(const std::vector<std::string>& argv) {
-  DSERVE_ASSIGN_OR_RETURN(
-      auto args, services::CliArgs::Parse(argv, {"config", "model", "listen", "worker-id"}, {}));
-  config::v1::PrefillConfig config;
-  if (auto path = args.Get("config")) {
-    DSERVE_RETURN_IF_ERROR(services::LoadConfigFile(*path, &config));
-  }
-  if (auto v = args.Get("model")) config.mutable_engine()->set_model_dir(*v);
-  if (auto v = args.Get("listen")) config.mutable_server()->set_listen(*v);
-  if (auto v = args.Get("worker-id")) config.set_worker_id(*v);
-  DSERVE_RETURN_IF_ERROR(services::Finalize(config));
-  if (config.engine().model_dir().empty()) {
-    return absl::InvalidArgumentError("engine.model_dir is not set (use --model DIR)");
-  }
-  if (config.worker_id().empty()) config.set_worker_id("prefill");
-  return config;
-}
 
 internal::v1::LoadReport Report(const config::v1::PrefillConfig& config,
                                 const prefill::PrefillScheduler& scheduler) {
@@ -56,16 +33,12 @@ internal::v1::LoadReport Report(const config::v1::PrefillConfig& config,
 int Main(int argc, char** argv) {
   services::ShutdownSignal signal;
   services::SetLogService("prefill");
-  auto config = LoadConfig(std::vector<std::string>(argv + 1, argv + argc));
-  if (!config.ok()) {
-    std::fprintf(stderr, "dserve-prefill: %s\n", std::string(config.status().message()).c_str());
-    return 2;
-  }
+  auto config = services::LoadWorkerConfig<config::v1::PrefillConfig>(
+      std::vector<std::string>(argv + 1, argv + argc), "prefill", {},
+      [](const services::CliArgs&, config::v1::PrefillConfig&) {});
+  if (!config.ok()) return services::ExitWith("dserve-prefill", config.status(), 2);
   auto worker = services::LoadWorkerEngine(config->engine(), config->transport());
-  if (!worker.ok()) {
-    std::fprintf(stderr, "dserve-prefill: %s\n", std::string(worker.status().message()).c_str());
-    return 1;
-  }
+  if (!worker.ok()) return services::ExitWith("dserve-prefill", worker.status(), 1);
   engine::Engine& engine = *(*worker)->engine;
   prefill::PrefillScheduler scheduler(
       &engine, (*worker)->transport.get(), (*worker)->region.id,
@@ -78,17 +51,12 @@ int Main(int argc, char** argv) {
   prefill::PrefillService prefill_service(&scheduler);
   services::LoadReportService load_service([&] { return Report(*config, scheduler); },
                                            services::ToDuration(config->load_report_interval()));
-  auto server = services::GrpcServer::Start(config->server(), {&prefill_service, &load_service});
-  if (!server.ok()) {
-    std::fprintf(stderr, "dserve-prefill: %s\n", std::string(server.status().message()).c_str());
-    return 2;
-  }
-  return services::RunUntilShutdown("prefill", **server, signal,
-                                    services::ToDuration(config->server().drain_timeout()),
-                                    [&](absl::Time deadline) {
-                                      scheduler.Drain(deadline);
-                                      load_service.Stop();
-                                    });
+  return services::ServeWorker("dserve-prefill", "prefill", config->server(),
+                               {&prefill_service, &load_service}, signal,
+                               [&](absl::Time deadline) {
+                                 scheduler.Drain(deadline);
+                                 load_service.Stop();
+                               });
 }
 
 }  // namespace

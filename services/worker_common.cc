@@ -2,6 +2,8 @@
 // conversions shared by the workers.
 #include "services/worker_common.h"
 
+#include <cstdio>
+
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "services/runtime.h"
@@ -38,6 +40,22 @@ absl::StatusOr<std::unique_ptr<WorkerEngine>> LoadWorkerEngine(
   }
   worker->engine = std::move(loaded).value();
   return worker;
+}
+
+int ServeWorker(std::string_view binary, std::string_view service,
+                const config::v1::ServerConfig& server_config,
+                const std::vector<grpc::Service*>& services, ShutdownSignal& signal,
+                absl::AnyInvocable<void(absl::Time deadline)> drain) {
+  auto server = GrpcServer::Start(server_config, services);
+  if (!server.ok()) return ExitWith(binary, server.status(), 2);
+  return RunUntilShutdown(service, **server, signal, ToDuration(server_config.drain_timeout()),
+                          std::move(drain));
+}
+
+int ExitWith(std::string_view binary, const absl::Status& status, int code) {
+  std::fprintf(stderr, "%.*s: %.*s\n", static_cast<int>(binary.size()), binary.data(),
+               static_cast<int>(status.message().size()), status.message().data());
+  return code;
 }
 
 kvtransfer::KvPoolLayout KvLayoutOf(const engine::KvBlockPool& pool) {
